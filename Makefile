@@ -17,6 +17,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps open_clip_torch==3.3.0  # only for its CLIP BPE vocabulary file (importing it needs torchvision)
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name perrep --display-name "perrep (.venv)"
 	touch $@

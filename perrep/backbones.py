@@ -11,14 +11,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-from .core import pick_device
+from .core import pick_device, resolve_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -210,22 +209,6 @@ ACCEPTED_BACKBONES = (f"'{EFFICIENTNET_NAME}' (ImageNet weights from the install
                       "or a Hugging Face hub id 'owner/name' of such a model (e.g. facebook/dinov2-base, "
                       "openai/clip-vit-base-patch16, facebook/vit-mae-base), already in the local cache when HF_HUB_OFFLINE=1")
 
-def _model_source(name: str) -> str:
-    "The folder or hub id transformers should load `name` from; a clear error if it cannot be one."
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"backbone folder {path} is not a saved model: it has no config.json. Accepted: {ACCEPTED_BACKBONES}")
-        return str(path)
-    if path.exists(): raise ValueError(f"backbone {name!r} is a file, not a model folder. Accepted: {ACCEPTED_BACKBONES}")
-    try: huggingface_hub.utils.validate_repo_id(name); is_hub_id = name.count("/") == 1
-    except huggingface_hub.errors.HFValidationError: is_hub_id = False
-    if not is_hub_id: raise ValueError(f"unknown backbone {name!r}: no such folder, not a hub id. Accepted: {ACCEPTED_BACKBONES}")
-    if huggingface_hub.is_offline_mode() and not isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
-        raise ValueError(f"backbone {name!r} is no local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
-                         f"Accepted: {ACCEPTED_BACKBONES}")
-    return name
-
 def _saved_normalisation(source: str, mean, std):
     "Mean and std from the image-processor config saved with the model, else the given defaults."
     path = transformers.utils.cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
@@ -233,7 +216,7 @@ def _saved_normalisation(source: str, mean, std):
     return tuple(saved.get("image_mean", mean)), tuple(saved.get("image_std", std))
 
 def _load_transformer(name: str, *, dtype) -> TransformerBackbone:
-    source = _model_source(name)
+    source = resolve_model(name, what="backbone", accepted=ACCEPTED_BACKBONES)
     model_type = transformers.AutoConfig.from_pretrained(source).model_type
     if model_type not in VISION_MODEL_TYPES:
         raise ValueError(f"backbone {name!r} is a {model_type!r} model; supported: {sorted(VISION_MODEL_TYPES)} or '{EFFICIENTNET_NAME}'")

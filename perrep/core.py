@@ -18,8 +18,8 @@ import torch
 
 # %% auto #0
 __all__ = ['find_root', 'project_paths', 'seed_everything', 'derive_seed', 'derive_rng', 'pick_device', 'free_cores',
-           'set_threads', 'atomic_path', 'write_bytes_atomic', 'write_json_atomic', 'params_path', 'save_params',
-           'load_params', 'to_pil', 'image_grid']
+           'set_threads', 'resolve_model', 'atomic_path', 'write_bytes_atomic', 'write_json_atomic', 'params_path',
+           'save_params', 'load_params', 'to_pil', 'image_grid']
 
 # %% ../nbs/00_core.ipynb #69eb636a
 def find_root(start: str | Path | None = None) -> Path:
@@ -77,6 +77,24 @@ def set_threads(n: int | None = None) -> int:
     n = n or free_cores()
     torch.set_num_threads(n)
     return n
+
+# %% ../nbs/00_core.ipynb #e6fe9b53
+def resolve_model(name: str | Path, *, what: str = "model", marker: str = "config.json", accepted: str = "") -> str:
+    "The folder or hub id to load `name` from: a folder holding `marker`, or a hub id (cached, when offline)."
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+    hint = f" Accepted: {accepted}" if accepted else ""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / marker).is_file(): raise ValueError(f"{what} folder {path} is not a saved {what}: it has no {marker}.{hint}")
+        return str(path)
+    if path.exists(): raise ValueError(f"{what} {str(name)!r} is a file, not a model folder.{hint}")
+    try: huggingface_hub.utils.validate_repo_id(str(name)); is_hub_id = str(name).count("/") == 1
+    except HFValidationError: is_hub_id = False
+    if not is_hub_id: raise ValueError(f"unknown {what} {str(name)!r}: no such folder, not a hub id.{hint}")
+    if huggingface_hub.is_offline_mode() and not isinstance(huggingface_hub.try_to_load_from_cache(str(name), marker), str):
+        raise ValueError(f"{what} {str(name)!r} is no local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set.{hint}")
+    return str(name)
 
 # %% ../nbs/00_core.ipynb #bc843eed
 def _umask() -> int:

@@ -27,8 +27,8 @@ from .objects import (CATEGORIES, SINGULAR, Instance, Pose, describe, logo_visib
 # %% auto #0
 __all__ = ['BACKGROUND_SOURCES', 'PROCEDURAL_BACKGROUNDS', 'BACKGROUND_PHRASES', 'SCENES', 'BASE_SCALE', 'CAPTION_TEMPLATES',
            'BackgroundSource', 'copy_background_sources', 'check_background_dir', 'Backdrop', 'Backgrounds', 'Placed',
-           'Scene', 'plan_scene', 'render_scene', 'caption', 'WorldConfig', 'world_instances', 'render_record',
-           'build_world']
+           'Scene', 'plan_scene', 'render_scene', 'caption', 'caption_levels', 'WorldConfig', 'world_instances',
+           'render_record', 'build_world']
 
 # %% ../nbs/02_world.ipynb #561b792f
 @dataclass(frozen=True)
@@ -292,6 +292,13 @@ def caption(scene: Scene, *, template: int = 0) -> str:
     subject = _a(describe(target.instance, logo=logo_visible(target.instance, target.pose)))
     return CAPTION_TEMPLATES[template].format(subject=subject, where=BACKGROUND_PHRASES[scene.backdrop.name], near=near)
 
+def caption_levels(scene: Scene, *, template: int = 0) -> list[str]:
+    "`scene` described at four levels of detail: the whole caption, the target where it is, the target, its category."
+    target = next(p for p in scene.objects if p.role == "target")
+    subject = _a(describe(target.instance, logo=logo_visible(target.instance, target.pose)))
+    return [caption(scene, template=template), f"a photo of {subject} {BACKGROUND_PHRASES[scene.backdrop.name]}",
+            f"a photo of {subject}", f"a photo of {_a(SINGULAR[target.instance.category])}"]
+
 # %% ../nbs/02_world.ipynb #dce83541
 @dataclass(frozen=True, kw_only=True)
 class WorldConfig:
@@ -349,7 +356,8 @@ def render_record(scene: Scene, *, backgrounds: Backgrounds, template: int = 0) 
     box = lambda ys, xs: [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]   # inclusive pixel bounds
     objects = [dict(instance=p.instance.name, category=p.instance.category, role=p.role, box=box(*np.nonzero(m))) for p, m in seen]
     target = next(m for p, m in zip(scene.objects, masks) if p.role == "target")
-    return image, target, dict(caption=caption(visible, template=template), background=scene.backdrop.name, objects=objects)
+    levels = caption_levels(visible, template=template)
+    return image, target, dict(caption=levels[0], captions=levels, background=scene.backdrop.name, objects=objects)
 
 # %% ../nbs/02_world.ipynb #6cbee261
 def build_world(*, out_dir: str | Path, background_dir: str | Path, config: WorldConfig, progress: bool = True) -> Path:
@@ -396,6 +404,7 @@ def _write_metadata(out: Path, *, config, personal, pool, records) -> None:
     write_json_atomic(out / "captions.json", records)
     write_json_atomic(out / "instances.json", {i.name: {**dataclasses.asdict(i), "set": s} for s, group in
                                                (("personal", personal), ("pool", pool)) for i in group})
-    lines = [json.dumps(dict(file_name=f"{i.category}/{stem}.jpg", text=records[stem]["caption"], category=i.category, instance=i.name))
+    lines = [json.dumps(dict(file_name=f"{i.category}/{stem}.jpg", text=records[stem]["caption"], captions=records[stem]["captions"],
+                             category=i.category, instance=i.name))
              for i in pool for stem, *_ in _jobs(i, config=config, personal=False)]
     write_bytes_atomic(out / "pool" / "metadata.jsonl", "".join(line + "\n" for line in sorted(lines)).encode())

@@ -56,3 +56,20 @@ def test_report_shows_table_and_figure_without_errors(run):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the report shows no figure"
     assert any("text/html" in o.get("data", {}) for o in outputs), "the report shows no table"
+
+
+def test_rerun_stages_write_identical_bytes(run, tmp_path):
+    "The committed dvc.lock holds only if a forced rerun reproduces every output byte for byte."
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    stage = lambda name, **p: run_notebook(ROOT / f"nbs/pipeline/{name}.ipynb", tmp_path / f"{name}.ipynb",
+                                           parameters=p, cwd=ROOT, progress=False)
+    stage("evaluate", profile="mini", params_file=str(run / "params.yaml"), classes="test",
+          embeddings_path=str(run / "embeddings/pretrained.npz"), out_dir=str(tmp_path / "baseline"))
+    stage("report", profile="mini", params_file=str(run / "params.yaml"), results_dir=str(tmp_path / "baseline"),
+          embeddings_path=str(run / "embeddings/pretrained.npz"), figure_path=str(tmp_path / "baseline/per_scene.png"))
+    assert params["profiles"]["mini"]["dataset"] == str(run / "world")
+    for name in ("metrics.json", "per_instance.csv", "per_scene.csv", "per_scene.png"):
+        assert (tmp_path / "baseline" / name).read_bytes() == (run / "baseline" / name).read_bytes(), name
+    strip = lambda text: text.replace(str(tmp_path / "baseline"), "X").replace(str(run / "baseline"), "X")
+    assert strip((tmp_path / "report.ipynb").read_text()) == strip((run / "reports/report.ipynb").read_text())
+

@@ -189,3 +189,15 @@ def test_another_world_in_out_dir_is_refused_untouched(world, bg):
     with pytest.raises(FileExistsError, match="out_dir=.*other parameters"):
         build_world(out_dir=world, background_dir=bg, config=dataclasses.replace(CI, seed=5), progress=False)
     assert files_of(world) == before
+
+
+def test_every_image_has_four_caption_levels_ending_in_its_category(world):
+    captions = json.loads((world / "captions.json").read_text())
+    instances = json.loads((world / "instances.json").read_text())
+    for stem, record in captions.items():
+        target = next(o for o in record["objects"] if o["role"] == "target")
+        full, where, subject, category = record["captions"]
+        assert full == record["caption"] and subject in where and where.startswith("a photo of ")
+        assert category == f"a photo of a {SINGULAR[instances[target['instance']]['category']]}", stem
+    pool = [json.loads(line) for line in (world / "pool/metadata.jsonl").read_text().splitlines()]
+    assert all(row["captions"] == captions[Path(row["file_name"]).stem]["captions"] for row in pool)
