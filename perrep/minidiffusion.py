@@ -24,7 +24,7 @@ from .core import resolve_model
 from .train import Checkpoint, step_generator, train_steps
 
 # %% auto #0
-__all__ = ['pool_pixels', 'to_unit', 'MiniVaeConfig', 'psnr', 'train_vae', 'encode_latents', 'MiniUnetConfig',
+__all__ = ['pool_pixels', 'to_unit', 'MiniVaeConfig', 'psnr', 'train_vae', 'encode_latents', 'latent_views', 'MiniUnetConfig',
            'training_scheduler', 'text_states', 'train_unet', 'sampling_scheduler', 'text_encoder_for_pipeline',
            'save_pipeline', 'load_pipeline', 'generate', 'judge_samples']
 
@@ -122,6 +122,10 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, *, batch_size: int 
     "Posterior means (N, C, h, w) of uint8 `pixels` (unscaled): the latents the decoder was trained on."
     return torch.cat([vae.encode(to_unit(pixels[i:i + batch_size])).latent_dist.mean for i in range(0, len(pixels), batch_size)])
 
+def latent_views(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    "(N, 2, C, h, w): the latents of each image and of its mirror image, the UNet's training views."
+    return torch.stack([encode_latents(vae, pixels), encode_latents(vae, pixels.flip(-1))], dim=1)
+
 # %% ../nbs/10_minidiffusion.ipynb #8a19bd66
 @dataclass(frozen=True, kw_only=True)
 class MiniUnetConfig:
@@ -170,8 +174,9 @@ def text_states(text_model: transformers.CLIPTextModel, tokenizer, texts: list[s
 # %% ../nbs/10_minidiffusion.ipynb #5b03463c
 def train_unet(*, latents: torch.Tensor, captions: list[list[str]], text_model, tokenizer,
                scaling_factor: float, config: MiniUnetConfig, work_dir: str | Path, checkpoint_every: int = 50, progress: bool = True) -> tuple[UNet2DConditionModel, list[dict]]:
-    "Train the denoiser on unscaled latents (N, C, h, w) (`encode_latents`) with per-image caption levels; returns the EMA UNet."
-    mean = latents
+    "Train the denoiser on unscaled latents (N, V, C, h, w) — V views of each image (`encode_latents` of the image and of its mirror), one drawn per sample — with per-image caption levels; returns the EMA UNet."
+    if latents.ndim == 4: latents = latents[:, None]                              # one view
+    mean, n_views = latents, latents.shape[1]
     n_levels = min(len(config.level_weights), *(len(c) for c in captions))
     unique = sorted({c[k] for c in captions for k in range(n_levels)} | {""})
     index = {text: i for i, text in enumerate(unique)}
@@ -180,7 +185,7 @@ def train_unet(*, latents: torch.Tensor, captions: list[list[str]], text_model, 
     level_p, empty = torch.tensor(config.level_weights[:n_levels]), index[""]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        unet = config.model(sample_size=mean.shape[-1], latent_channels=mean.shape[1], cross_attention_dim=states.shape[-1])
+        unet = config.model(sample_size=mean.shape[-1], latent_channels=mean.shape[2], cross_attention_dim=states.shape[-1])
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01)
     schedule = transformers.get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
@@ -191,8 +196,7 @@ def train_unet(*, latents: torch.Tensor, captions: list[list[str]], text_model, 
         g = step_generator(config.seed, "unet", t)
         idx = torch.randint(0, len(mean), (B,), generator=g)
         level = int(torch.multinomial(level_p, 1, generator=g))
-        z0 = mean[idx]                                                                # (B, C, h, w)
-        z0 = torch.where(torch.rand(B, generator=g)[:, None, None, None] < 0.5, z0.flip(-1), z0) * scaling_factor
+        z0 = mean[idx, torch.randint(0, n_views, (B,), generator=g)] * scaling_factor   # (B, C, h, w)
         noise = torch.randn(z0.shape, generator=g)
         timesteps = ((torch.arange(B) + torch.rand(B, generator=g)) * (1000 / B)).long().clamp(max=999)[torch.randperm(B, generator=g)]
         text = torch.where(torch.rand(B, generator=g) < config.caption_dropout, empty, caption_ids[idx, level])
