@@ -24,7 +24,7 @@ from .core import atomic_path
 from .train import Checkpoint, step_generator, train_steps
 
 # %% auto #0
-__all__ = ['read_pool', 'MiniClipConfig', 'caption_targets', 'clip_loss', 'tower_features', 'train_mini_clip']
+__all__ = ['read_pool', 'MiniClipConfig', 'caption_targets', 'clip_loss', 'shrink', 'tower_features', 'train_mini_clip']
 
 # %% ../nbs/09_miniclip.ipynb #50e389eb
 def read_pool(world_dir: str | Path, *, categories=None) -> list[dict]:
@@ -63,6 +63,7 @@ class MiniClipConfig:
     weight_decay: float = 0.1
     warmup: int = 30
     level_weights: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)   # how often a batch uses each caption level
+    view_sizes: tuple[int, ...] = (64,)   # each pool image is also seen shrunk to these sizes: the mini generator's resolution
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +74,8 @@ class MiniClipConfig:
         if not 0 < self.lr < 1: raise ValueError(f"MiniClipConfig.lr={self.lr!r}: expected 0 < lr < 1")
         if not 0 <= self.warmup < self.steps: raise ValueError(f"MiniClipConfig.warmup={self.warmup!r}: expected 0 <= warmup < steps={self.steps}")
         object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
+        object.__setattr__(self, "view_sizes", tuple(self.view_sizes))
+        if not all(isinstance(s, int) and 8 <= s for s in self.view_sizes): raise ValueError(f"MiniClipConfig.view_sizes={self.view_sizes!r}: expected image sizes >= 8")
         if not self.level_weights or min(self.level_weights) < 0 or sum(self.level_weights) <= 0:
             raise ValueError(f"MiniClipConfig.level_weights={self.level_weights!r}: expected non-negative weights, not all zero")
 
@@ -97,15 +100,19 @@ def clip_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, log
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
 
 # %% ../nbs/09_miniclip.ipynb #f59fba65
-def tower_features(paths: list, *, tower, cache: str | Path, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
-    "(N, F) locked-tower features of the images at `paths`, computed once and kept in `cache` (safetensors, keyed by the paths)."
-    cache, key = Path(cache), json.dumps([str(p) for p in paths] + [tower.name])
+def shrink(image: Image.Image, size: int) -> Image.Image:
+    "`image` as RGB at size×size, antialiased: how the pool is shown to the mini diffusion model, and how its samples look."
+    return image.convert("RGB").resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+
+def tower_features(paths: list, *, tower, cache: str | Path, size: int | None = None, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    "(N, F) locked-tower features of the images at `paths` (first `shrink`-ed to `size` if given), computed once and kept in `cache`."
+    cache, key = Path(cache), json.dumps([str(p) for p in paths] + [tower.name] + ([size] if size else []))
     if cache.is_file():
         saved = load_file(cache)
         if bytes(saved["key"].numpy()).decode() == key: return saved["features"]
     chunks = []
     for i in tqdm(range(0, len(paths), batch_size), desc=f"{tower.name} features", unit="batch", disable=not progress):
-        images = [Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
+        images = [shrink(Image.open(p), size) if size else Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
         chunks.append(tower.embed(images, batch_size=batch_size)[0])
     features = torch.cat(chunks)
     with atomic_path(cache) as tmp:
@@ -120,8 +127,10 @@ def train_mini_clip(*, records: list[dict], tokenizer_dir: str | Path, config: M
         torch.manual_seed(config.seed)
         model = MiniClip(image_tower=load_backbone(tower_name), tokenizer=load_tokenizer(tokenizer_dir),
                          text_encoder=transformers.CLIPTextModelWithProjection(config.text_config()))
-    features = tower_features([r["path"] for r in records], tower=model.image_tower, cache=work / "pool_features.safetensors",
-                              progress=progress)                                # (N, F)
+    paths = [r["path"] for r in records]
+    features = torch.stack([tower_features(paths, tower=model.image_tower, cache=work / "pool_features.safetensors", progress=progress)] +
+                           [tower_features(paths, tower=model.image_tower, size=s, cache=work / f"pool_features_{s}px.safetensors",
+                                           progress=progress) for s in config.view_sizes])   # (V, N, F): the full view, then each shrunk view
     n_levels = min(len(config.level_weights), *(len(r["captions"]) for r in records))
     levels = [[r["captions"][k] for r in records] for k in range(n_levels)]   # level k: every image's caption at that detail
     tokens = [model.tokenize(texts) for texts in levels]                      # each (N, L_k), padded to its longest caption
@@ -138,9 +147,10 @@ def train_mini_clip(*, records: list[dict], tokenizer_dir: str | Path, config: M
         g = step_generator(config.seed, "clip", t)
         idx = torch.randperm(len(records), generator=g)[:batch]                                      # (B,)
         k = int(torch.multinomial(level_p, 1, generator=g))                                          # this batch's caption level
+        view = torch.randint(0, len(features), (batch,), generator=g)                               # each item's view of its image
         length = int(tokens[k]["attention_mask"][idx].sum(1).max())                                  # trim the shared padding
         text = model.text_embeddings({name: v[idx, :length] for name, v in tokens[k].items()})
-        loss = clip_loss(F.normalize(model.project_image(features[idx]), dim=-1), F.normalize(text, dim=-1),
+        loss = clip_loss(F.normalize(model.project_image(features[view, idx]), dim=-1), F.normalize(text, dim=-1),
                          model.logit_scale, caption_targets([levels[k][i] for i in idx]))
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); schedule.step()
         return dict(loss=loss.item(), level=k, temperature=float(model.logit_scale.detach().exp().clamp(max=100).reciprocal()))

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .clip import CLIP_CONTEXT
+from .miniclip import shrink
 from .core import resolve_model
 from .train import Checkpoint, step_generator, train_steps
 
@@ -34,7 +35,7 @@ def pool_pixels(records: list[dict], *, size: int = 64, progress: bool = True) -
     out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
     for i, r in enumerate(tqdm(records, desc=f"pool at {size} px", unit="image", disable=not progress)):
         with Image.open(r["path"]) as im:
-            out[i] = torch.from_numpy(np.array(im.convert("RGB").resize((size, size), Image.BICUBIC, reducing_gap=3.0))).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(shrink(im, size))).permute(2, 0, 1)
     return out
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor: return pixels.float() / 127.5 - 1   # uint8 -> [-1, 1], as diffusers expects

@@ -1,11 +1,17 @@
 "Smoke run of every pipeline stage notebook at `ci` scale, in a temporary folder, through perrep-stage's runner."
 import json
 import math
+import os
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+import torch
+import transformers
 import yaml
+
+from perrep.clip import load_clip
 
 from perrep.pipeline import run_notebook
 from perrep.world import copy_background_sources
@@ -31,13 +37,21 @@ def run(tmp_path_factory):
           embeddings_path=str(tmp / "embeddings/pretrained.npz"), out_dir=str(tmp / "baseline"))
     stage("report", profile="mini", params_file=str(tmp / "params.yaml"), results_dir=str(tmp / "baseline"),
           embeddings_path=str(tmp / "embeddings/pretrained.npz"), figure_path=str(tmp / "baseline/per_scene.png"))
+    stage("foundation", **_foundation_parameters(tmp, tmp / "foundation"))
     return tmp
+
+
+def _foundation_parameters(tmp, out_dir, work_dir=None):
+    return dict(scale="ci", params_file=str(tmp / "params.yaml"), threads=1, world_dir=str(tmp / "world"), out_dir=str(out_dir),
+                work_dir=str(work_dir or tmp / "work/foundation"), report_dir=str(out_dir / "report"))
 
 
 def test_stages_write_their_declared_outputs(run):
     for path in ["world/pods_info.json", "world/params.json", "embeddings/pretrained.npz",
                  "embeddings/pretrained.npz.params.json", "baseline/metrics.json", "baseline/per_instance.csv",
-                 "baseline/per_scene.csv", "baseline/per_scene.png", "reports/report.ipynb"]:
+                 "baseline/per_scene.csv", "baseline/per_scene.png", "reports/report.ipynb",
+                 "foundation/mini-clip/mini_clip.json", "foundation/mini-sd/model_index.json", "foundation/params.json",
+                 "foundation/report/metrics.json", "reports/foundation.ipynb"]:
         assert (run / path).is_file(), path
 
 
@@ -73,3 +87,50 @@ def test_rerun_stages_write_identical_bytes(run, tmp_path):
     strip = lambda text: text.replace(str(tmp_path / "baseline"), "X").replace(str(run / "baseline"), "X")
     assert strip((tmp_path / "report.ipynb").read_text()) == strip((run / "reports/report.ipynb").read_text())
 
+
+
+def test_foundation_losses_fall_and_metrics_are_complete(run):
+    report = run / "foundation/report"
+    for name, key in [("clip_loss.csv", "loss"), ("vae_loss.csv", "loss"), ("unet_loss.csv", "loss")]:
+        values = [float(row.split(",")[1]) for row in (report / name).read_text().splitlines()[1:]]
+        assert len(values) >= 10 and np.mean(values[-5:]) < np.mean(values[:5]), (name, values)
+    metrics = json.loads((report / "metrics.json").read_text())
+    clip = metrics["clip"]
+    assert 0 <= clip["zero_shot_accuracy"] <= 1 and 0 <= clip["recall_at_10_chance"] <= 1
+    assert set(metrics["diffusion"]) == {"guidance_1", "guidance_7.5"}
+    assert all(0 <= row["category_accuracy"] <= 1 and -1 <= row["clip_t"] <= 1 for row in metrics["diffusion"].values())
+
+
+def test_foundation_folders_load_in_stock_libraries_offline(run):
+    "What DreamBooth and POLAR will do: stock diffusers and transformers classes read the folders, no hub reached."
+    from diffusers import StableDiffusionPipeline
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    pipe = StableDiffusionPipeline.from_pretrained(run / "foundation/mini-sd")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.safety_checker is None
+    image = pipe("a photo of a mug", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    text = transformers.CLIPTextModelWithProjection.from_pretrained(run / "foundation/mini-clip/text_encoder")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(run / "foundation/mini-clip/tokenizer")
+    assert len(tokenizer) == 49408
+    clip = load_clip(run / "foundation/mini-clip")
+    with torch.no_grad():
+        stock = text(**tokenizer(["a photo of a mug"], return_tensors="pt")).text_embeds
+    assert torch.equal(clip.encode_text(["a photo of a mug"]), torch.nn.functional.normalize(stock, dim=-1))
+    # the pipeline's text encoder is mini-CLIP's text transformer, weight for weight
+    for name, weight in pipe.text_encoder.state_dict().items():
+        assert torch.equal(weight, text.text_model.state_dict()[name]), name
+
+
+def test_foundation_resumes_without_retraining_and_reproduces_bytes(run, tmp_path):
+    "Rerun on the finished checkpoints: nothing is trained again and every saved weight file is the same, byte for byte."
+    out, work = tmp_path / "foundation", run / "work/foundation"
+    checkpoints = {p: p.stat().st_mtime_ns for p in work.rglob("checkpoint.pt")}
+    assert len(checkpoints) == 3, checkpoints                                     # mini-CLIP, VAE, UNet
+    run_notebook(ROOT / "nbs/pipeline/foundation.ipynb", tmp_path / "foundation.ipynb", cwd=ROOT, progress=False,
+                 parameters=_foundation_parameters(run, out))
+    weights = sorted(p.relative_to(run / "foundation") for p in (run / "foundation").rglob("*.safetensors"))
+    assert len(weights) >= 4, weights
+    for name in weights: assert (out / name).read_bytes() == (run / "foundation" / name).read_bytes(), name
+    assert (out / "report/metrics.json").read_bytes() == (run / "foundation/report/metrics.json").read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("checkpoint.pt")} == checkpoints   # no step was run again
