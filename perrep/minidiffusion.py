@@ -19,15 +19,16 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .backbones import load_efficientnet_lite0
 from .clip import CLIP_CONTEXT
 from .miniclip import shrink
 from .core import resolve_model
 from .train import Checkpoint, step_generator, train_steps
 
 # %% auto #0
-__all__ = ['pool_pixels', 'to_unit', 'MiniVaeConfig', 'psnr', 'train_vae', 'encode_latents', 'latent_views', 'MiniUnetConfig',
-           'training_scheduler', 'text_states', 'train_unet', 'sampling_scheduler', 'text_encoder_for_pipeline',
-           'save_pipeline', 'load_pipeline', 'generate', 'judge_samples']
+__all__ = ['pool_pixels', 'to_unit', 'PerceptualDistance', 'MiniVaeConfig', 'psnr', 'train_vae', 'encode_latents', 'latent_views',
+           'MiniUnetConfig', 'training_scheduler', 'text_states', 'train_unet', 'sampling_scheduler',
+           'text_encoder_for_pipeline', 'save_pipeline', 'load_pipeline', 'generate', 'judge_samples']
 
 # %% ../nbs/10_minidiffusion.ipynb #6801e2b8
 def pool_pixels(records: list[dict], *, size: int = 64, progress: bool = True) -> torch.Tensor:
@@ -39,6 +40,32 @@ def pool_pixels(records: list[dict], *, size: int = 64, progress: bool = True) -
     return out
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor: return pixels.float() / 127.5 - 1   # uint8 -> [-1, 1], as diffusers expects
+
+# %% ../nbs/10_minidiffusion.ipynb #1a89103c
+class PerceptualDistance(torch.nn.Module):
+    "LPIPS-style distance (its untrained baseline): unit-normalised early feature maps of frozen EfficientNet-Lite0, squared differences."
+    def __init__(self, *, taps: tuple[int, ...] = (0, 2, 5)):
+        super().__init__()
+        network = load_efficientnet_lite0()
+        if not taps or not all(0 <= t < len(network._blocks) for t in taps):
+            raise ValueError(f"PerceptualDistance: taps={taps!r}; expected block indices in [0, {len(network._blocks)})")
+        self.stem, self.stem_norm, self.taps = network._conv_stem, network._bn0, tuple(sorted(taps))
+        self.blocks = torch.nn.ModuleList(network._blocks[:max(taps) + 1])
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True): return super().train(False)   # frozen, BatchNorm statistics included
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:   # (B, 3, H, W) in [-1, 1] -> [(B, C_l, H/s_l, W/s_l)]
+        x = F.relu6(self.stem_norm(self.stem(x)))
+        maps = [x]
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps: maps.append(x)
+        return maps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:   # two (B, 3, H, W) in [-1, 1] -> scalar
+        return sum(((F.normalize(fa, dim=1) - F.normalize(fb, dim=1)) ** 2).sum(1).mean()
+                   for fa, fb in zip(self.feature_maps(a), self.feature_maps(b)))
 
 # %% ../nbs/10_minidiffusion.ipynb #61c8d3ef
 def _positive_ints(obj, names):
@@ -58,12 +85,14 @@ class MiniVaeConfig:
     batch_size: int = 32
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    perceptual_weight: float = 0.1
     latent_noise: float = 0.02
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
         _positive_ints(self, ("latent_channels", "image_size", "crop", "steps", "batch_size"))
+        if not self.perceptual_weight >= 0: raise ValueError(f"MiniVaeConfig.perceptual_weight={self.perceptual_weight!r}: expected >= 0")
         factor = 2 ** (len(self.channels) - 1)
         if self.crop > self.image_size or self.crop % factor or self.image_size % factor:
             raise ValueError(f"MiniVaeConfig: crop={self.crop} and image_size={self.image_size} must be multiples of {factor} with crop <= image_size")
@@ -91,6 +120,7 @@ def train_vae(*, pixels: torch.Tensor, config: MiniVaeConfig, work_dir: str | Pa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         vae = config.model()
+    perceptual = PerceptualDistance() if config.perceptual_weight else None
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = transformers.get_cosine_schedule_with_warmup(optimizer, min(100, config.steps // 10), config.steps)
     vae.train()
@@ -102,6 +132,7 @@ def train_vae(*, pixels: torch.Tensor, config: MiniVaeConfig, work_dir: str | Pa
         z = posterior.mean + config.latent_noise * torch.randn(posterior.mean.shape, generator=g)
         reconstruction = vae.decode(z).sample                                     # (B, 3, crop, crop)
         loss = F.mse_loss(reconstruction, x) + config.kl_weight * posterior.kl().mean()
+        if perceptual is not None: loss = loss + config.perceptual_weight * perceptual(reconstruction, x)
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); schedule.step()
         return dict(loss=loss.item(), psnr=psnr(reconstruction.detach(), x))
 
