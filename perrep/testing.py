@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TINY_WIDTH', 'TINY_VISION_MODELS', 'TOY_CATEGORIES', 'TOY_SCENES', 'save_tiny_vision_model', 'tiny_clip_text_config',
-           'make_toy_pods', 'ToyColourBackbone']
+           'make_toy_pods', 'ToyColourBackbone', 'save_tiny_sd_pipeline']
 
 # %% ../nbs/90_testing.ipynb #750324b2
 from pathlib import Path
@@ -133,3 +133,27 @@ class ToyColourBackbone:
         codes = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]  # (B, H, W)
         hist = torch.nn.functional.one_hot(codes.flatten(1), self.global_dim).float().mean(1)  # (B, bins³)
         return hist, torch.nn.functional.adaptive_avg_pool2d(x, self.grid)  # (B, D), (B, 3, grid, grid)
+
+# %% ../nbs/90_testing.ipynb #7e9b2707
+import tempfile
+
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from .clip import write_clip_tokenizer
+
+def save_tiny_sd_pipeline(path: str | Path, *, seed: int = 0) -> Path:
+    "Save a randomly initialised tiny StableDiffusionPipeline (32×32 images, SD 1.5's PNDM scheduler) into the folder `path`."
+    with tempfile.TemporaryDirectory() as d: tokenizer = write_clip_tokenizer(d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                    attention_head_dim=4, norm_num_groups=32)
+        vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            latent_channels=4, sample_size=32, norm_num_groups=32)
+        text_encoder = transformers.CLIPTextModel(tiny_clip_text_config())
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    return Path(path)

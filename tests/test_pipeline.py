@@ -17,6 +17,7 @@ from perrep.pipeline import run_notebook
 from perrep.world import copy_background_sources
 
 ROOT = Path(__file__).resolve().parents[1]
+CI_INSTANCE = "mugs_01"   # the first test instance of the ci world
 SCENES = ["in_distribution", "pose", "distractors", "pose_and_distractors", "overall"]
 
 
@@ -25,6 +26,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profiles"]["mini"]["dataset"] = str(tmp / "world")
+    params["profiles"]["mini"]["text_to_image"] = str(tmp / "foundation/mini-sd")
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     copy_background_sources(tmp / "backgrounds")
     stage = lambda name, **p: run_notebook(ROOT / f"nbs/pipeline/{name}.ipynb", tmp / f"reports/{name}.ipynb",
@@ -38,6 +40,10 @@ def run(tmp_path_factory):
     stage("report", profile="mini", params_file=str(tmp / "params.yaml"), results_dir=str(tmp / "baseline"),
           embeddings_path=str(tmp / "embeddings/pretrained.npz"), figure_path=str(tmp / "baseline/per_scene.png"))
     stage("foundation", **_foundation_parameters(tmp, tmp / "foundation"))
+    common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
+    stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
+    stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic"),
+          work_dir=str(tmp / "work/synthetic"), report_dir=str(tmp / "synthetic_report"))
     return tmp
 
 
@@ -134,3 +140,30 @@ def test_foundation_resumes_without_retraining_and_reproduces_bytes(run, tmp_pat
     for name in weights: assert (out / name).read_bytes() == (run / "foundation" / name).read_bytes(), name
     assert (out / "report/metrics.json").read_bytes() == (run / "foundation/report/metrics.json").read_bytes()
     assert {p: p.stat().st_mtime_ns for p in work.rglob("checkpoint.pt")} == checkpoints   # no step was run again
+
+
+def test_dreambooth_saves_a_lora_that_a_stock_pipeline_loads(run):
+    from diffusers import StableDiffusionPipeline
+    saved = json.loads((run / "dreambooth/params.json").read_text())
+    assert saved["instance"] == CI_INSTANCE and saved["category"] == "mug" and saved["prompts"] == ["a photo of sks mug", "a photo of a mug"]
+    pipe = StableDiffusionPipeline.from_pretrained(run / "foundation/mini-sd")
+    pipe.load_lora_weights(run / "dreambooth", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    losses = (run / "dreambooth/loss.csv").read_text().splitlines()
+    assert losses[0] == "step,loss,instance,prior" and len(losses) == 1 + 4
+
+
+def test_generate_writes_image_folders_with_metadata_and_fidelity(run):
+    import datasets
+    params = yaml.safe_load((run / "params.yaml").read_text())["generate"]["ci"]
+    names = [f"dreambooth_{s}/cfg_{g:g}" for s in params["strategies"] for g in params["guidance"]] + ["negatives"]
+    for name in names:
+        images = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic" / name), split="train")
+        assert len(images) == (params["n_negatives"] if name == "negatives" else params["n_positives"]), name
+        assert images[0]["image"].size == (64, 64) and images[0]["steps"] == params["steps"]
+    llm = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic/dreambooth_llm/cfg_4"), split="train")
+    assert all("sks mug" in p for p in llm["prompt"])
+    metrics = json.loads((run / "synthetic_report/metrics.json").read_text())
+    assert set(metrics) == set(names) and metrics["negatives"]["minus_base"] == 0
+    assert all(-1 <= m["fidelity"] <= 1 for m in metrics.values())
+

@@ -45,15 +45,25 @@ def test_nbdev_clean_leaves_no_diff(tmp_path):
 
 
 def _stages():
+    "Every stage of dvc.yaml; a `foreach` stage as its `do` template (its `${item}` stands for each element)."
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for name, stage in dvc["stages"].items():
-        yield name, stage
+        yield name, stage.get("do", stage)
+
+
+def test_foreach_stages_iterate_over_a_params_list():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage: continue
+        node = params
+        for part in re.fullmatch(r"\$\{([^}]+)\}", stage["foreach"]).group(1).split("."): node = node[part]
+        assert isinstance(node, list) and node, f"stage {name}: foreach {stage['foreach']} is not a non-empty list in params.yaml"
 
 
 def test_dvc_yaml_parses_and_lists_its_params():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name, stage in _stages():
-        used = set(re.findall(r"\$\{([^}]+)\}", stage["cmd"]))
+        used = set(re.findall(r"\$\{([^}]+)\}", stage["cmd"])) - {"item"}
         listed = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
         for key in used:
             node = params
