@@ -44,6 +44,13 @@ def run(tmp_path_factory):
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
     stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic"),
           work_dir=str(tmp / "work/synthetic"), report_dir=str(tmp / "synthetic_report"))
+    stage("cutpaste", **common, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "cutpaste"),
+          work_dir=str(tmp / "work/cutpaste"), report_dir=str(tmp / "cutpaste_report"))
+    structured = dict(params, dreambooth=dict(params["dreambooth"], ci=dict(params["dreambooth"]["ci"],
+                      train=dict(params["dreambooth"]["ci"]["train"], prior="structured", crop_min=0.75, crop_views=2))))
+    (tmp / "params_structured.yaml").write_text(yaml.safe_dump(structured))
+    stage("dreambooth", **dict(common, params_file=str(tmp / "params_structured.yaml")), out_dir=str(tmp / "dreambooth_structured"),
+          work_dir=str(tmp / "work/dreambooth_structured"))
     return tmp
 
 
@@ -153,19 +160,51 @@ def test_dreambooth_saves_a_lora_that_a_stock_pipeline_loads(run):
     assert losses[0] == "step,loss,instance,prior" and len(losses) == 1 + 4
 
 
+def test_structured_prior_trains_on_its_own_prompts(run):
+    from perrep.generate import read_metadata
+    saved = json.loads((run / "dreambooth_structured/params.json").read_text())
+    assert saved["prior"] == "structured" and saved["crop_min"] == 0.75
+    assert saved["instance_prompts"] and all(p.startswith("a photo of sks mug ") for p in saved["instance_prompts"])   # with its background
+    class_prompts = [r["prompt"] for r in read_metadata(run / "work/dreambooth_structured/class_images")]
+    assert len(class_prompts) == saved["class_images"]["n"] and all("mug" in p and p != "a photo of a mug" for p in class_prompts)
+    assert set(class_prompts) <= set(saved["prompts"])
+    assert (run / "dreambooth_structured/pytorch_lora_weights.safetensors").is_file()
+
+
 def test_generate_writes_image_folders_with_metadata_and_fidelity(run):
     import datasets
+    from perrep.filtering import ATTEMPTS_FILE
     params = yaml.safe_load((run / "params.yaml").read_text())["generate"]["ci"]
+    rule = params["filter"]
+    filtered = f"dreambooth_{rule['strategy']}_filtered/cfg_{rule['guidance']:g}"
     names = [f"dreambooth_{s}/cfg_{g:g}" for s in params["strategies"] for g in params["guidance"]] + ["negatives"]
+    attempts = [json.loads(line) for line in (run / "synthetic" / filtered / ATTEMPTS_FILE).read_text().splitlines()]
+    metrics = json.loads((run / "synthetic_report/metrics.json").read_text())
+    assert metrics[filtered]["attempts"] == len(attempts) <= rule["max_attempts"]
+    kept = [json.loads(line) for line in (run / "synthetic" / filtered / "metadata.jsonl").read_text().splitlines()]
+    assert len(kept) == metrics[filtered]["kept"] <= params["n_positives"]
+    assert all(r["filter_score"] >= metrics[filtered]["threshold"] for r in kept)
+    assert sorted(r["file_name"] for r in kept) == sorted(p.name for p in (run / "synthetic" / filtered).glob("*.png"))
     for name in names:
         images = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic" / name), split="train")
         assert len(images) == (params["n_negatives"] if name == "negatives" else params["n_positives"]), name
         assert images[0]["image"].size == (64, 64) and images[0]["steps"] == params["steps"]
     llm = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic/dreambooth_llm/cfg_4"), split="train")
     assert all("sks mug" in p for p in llm["prompt"])
-    metrics = json.loads((run / "synthetic_report/metrics.json").read_text())
-    assert set(metrics) == set(names)
+    assert set(metrics) == set(names) | ({filtered} if kept else set())
     for name, m in metrics.items():   # every set scored on all its images; the difference is against the base model's set
         assert m["n"] == len(list((run / "synthetic" / name).glob("*.png"))) and -1 <= m["fidelity"] <= 1, name
         assert abs(m["minus_base"] - (m["fidelity"] - metrics["negatives"]["fidelity"])) < 1e-5, name
 
+
+def test_cutpaste_pastes_the_instance_onto_both_kinds_of_background(run):
+    import datasets
+    params = yaml.safe_load((run / "params.yaml").read_text())["cutpaste"]["ci"]
+    metrics = json.loads((run / "cutpaste_report/metrics.json").read_text())
+    assert set(metrics) == {f"cutpaste_{kind}" for kind in params["backgrounds"]}
+    real = {p.name for p in (run / "backgrounds").iterdir()}
+    for name, m in metrics.items():
+        images = datasets.load_dataset("imagefolder", data_dir=str(run / "cutpaste" / name), split="train")
+        assert len(images) == m["n"] == params["n"] and images[0]["image"].size == (params["paste"]["size"],) * 2
+        assert set(images["source"]) <= {f"{CI_INSTANCE}_train_{k}.jpg" for k in range(3)} and 0 < m["fidelity"] <= 1
+        assert (set(images["background"]) <= real) == (name == "cutpaste_real"), name
