@@ -5,6 +5,7 @@
 # %% ../nbs/13_dreambooth.ipynb #0c840356
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from .core import derive_rng, derive_seed, save_params
+from .core import derive_rng, derive_seed, save_params, write_bytes_atomic
 from .generate import subject_phrase
 from .regset import StructuredPrompt
 from .minidiffusion import load_pipeline
@@ -27,7 +28,7 @@ from .train import Checkpoint, step_generator, train_steps
 # %% auto #0
 __all__ = ['LORA_WEIGHTS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'DreamBoothConfig', 'instance_prompt', 'class_prompt',
            'check_identifier', 'square', 'InstancePhotos', 'load_instance_photos', 'crop_views', 'DreamBooth',
-           'save_dreambooth', 'load_personalized']
+           'sort_safetensors_header', 'save_dreambooth', 'load_personalized']
 
 # %% ../nbs/13_dreambooth.ipynb #8a018e77
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -264,6 +265,15 @@ class DreamBooth:
         return log
 
 # %% ../nbs/13_dreambooth.ipynb #29d34e19
+def sort_safetensors_header(path: str | Path) -> Path:
+    "Rewrite `path`'s header with sorted keys: safetensors writes its metadata from a Rust HashMap, in a per-process order."
+    path = Path(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)                                          # the tensors stay 8-byte aligned
+    return write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + data[8 + n:])
+
 def save_dreambooth(db: DreamBooth, out_dir: str | Path, *, extra: dict | None = None) -> Path:
     "Save the personalization in its ecosystem's format, with its resolved parameters."
     out = Path(out_dir)
@@ -274,6 +284,7 @@ def save_dreambooth(db: DreamBooth, out_dir: str | Path, *, extra: dict | None =
             out, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, weight_name=LORA_WEIGHTS, safe_serialization=True,
             unet_lora_adapter_metadata=db.unet.peft_config["default"].to_dict(),
             text_encoder_lora_adapter_metadata=db.text_encoder.peft_config["default"].to_dict() if text_layers else None)
+        sort_safetensors_header(out / LORA_WEIGHTS)                                # same weights, same bytes
     else:
         db.pipe.save_pretrained(out)
     save_params(out, dict(asdict(db.config), prompts=db.prompts, **(extra or {})))
