@@ -56,6 +56,8 @@ def generate_filtered(pipe, attempts: list[ImageSpec], out_dir: str | Path, *, n
     "The first `n` images of the plan `attempts` whose `score` reaches `threshold`, in `out_dir` with their scores."
     check_plan(attempts, where=f"generate_filtered({str(out_dir)!r})")
     if n < 1 or n > len(attempts): raise ValueError(f"generate_filtered: n={n}; expected 1 <= n <= max attempts ({len(attempts)})")
+    guidance = sorted({s.guidance for s in attempts})
+    if len(guidance) != 1: raise ValueError(f"generate_filtered: one guidance per attempts plan; got {guidance}")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     common = dict(generator=generator, scheduler=type(pipe.scheduler).__name__, steps=steps, threshold=threshold)
     wanted = {s.file_name: dict(asdict(s), **common) for s in attempts}
@@ -67,8 +69,6 @@ def generate_filtered(pipe, attempts: list[ImageSpec], out_dir: str | Path, *, n
         bar.n = min(len(passed()), n); bar.refresh()
         if len(passed()) >= n: break
         if all(s.file_name in scored and (scored[s.file_name]["filter_score"] < threshold or (out / s.file_name).is_file()) for s in batch): continue
-        guidance = {s.guidance for s in batch}
-        if len(guidance) != 1: raise ValueError(f"generate_filtered: one guidance per plan; got {sorted(guidance)}")
         images = pipe([s.prompt for s in batch], num_inference_steps=steps, guidance_scale=batch[0].guidance,
                       generator=[torch.Generator().manual_seed(s.seed) for s in batch]).images
         for s, image, value in zip(batch, images, score(images), strict=True):
