@@ -4,7 +4,7 @@ Run from the repository root, after `make setup`:
     .venv/bin/python benchmarks/pipeline_times.py
 Writes benchmarks/results/pipeline_times.json, with the `foundation` stage's time per phase (mini-CLIP, VAE, UNet,
 evaluation; the stage writes them to artifacts/.work/foundation/times.json). Budgets on 2 cores: `foundation` <= 20 min,
-`dreambooth` + `generate` + `cutpaste` (5 instances) about 20 min, the other stages together <= 10 min.
+`dreambooth` + `generate` + `cutpaste` (5 instances) about 20 min, `contrastive` about 15 min, `evaluate` about 10 min.
 """
 import json
 import os

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TINY_WIDTH', 'TINY_VISION_MODELS', 'TOY_CATEGORIES', 'TOY_SCENES', 'save_tiny_vision_model', 'tiny_clip_text_config',
-           'make_toy_pods', 'ToyColourBackbone', 'save_tiny_sd_pipeline']
+           'make_toy_pods', 'ToyColourBackbone', 'ToyHistogramBackbone', 'save_tiny_sd_pipeline']
 
 # %% ../nbs/90_testing.ipynb #750324b2
 from pathlib import Path
@@ -133,6 +133,25 @@ class ToyColourBackbone:
         codes = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]  # (B, H, W)
         hist = torch.nn.functional.one_hot(codes.flatten(1), self.global_dim).float().mean(1)  # (B, bins³)
         return hist, torch.nn.functional.adaptive_avg_pool2d(x, self.grid)  # (B, D), (B, 3, grid, grid)
+
+# %% ../nbs/90_testing.ipynb #8978014f
+import torch.nn.functional as F
+
+from .backbones import ImageTransform
+
+class ToyHistogramBackbone(torch.nn.Module):
+    "A weight-free module under the backbone contract: dense = per-cell colour histograms (bins³ channels, stride `patch_size`); global = their mean."
+    def __init__(self, *, bins: int = 4, patch_size: int = 4):
+        super().__init__()
+        self.bins, self.patch_size, self.name = bins, patch_size, f"toy-histogram-{bins}"
+        self.transform = ImageTransform(resize=48, crop=48, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def forward(self, pixels):  # (B, 3, S, S) -> (B, bins³), (B, bins³, S/p, S/p)
+        x = pixels * torch.tensor(self.transform.std).view(1, 3, 1, 1) + torch.tensor(self.transform.mean).view(1, 3, 1, 1)
+        q = (x * self.bins).long().clamp(0, self.bins - 1)
+        codes = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]                # (B, S, S)
+        dense = F.avg_pool2d(F.one_hot(codes, self.bins ** 3).permute(0, 3, 1, 2).float(), self.patch_size)
+        return dense.mean((2, 3)), dense
 
 # %% ../nbs/90_testing.ipynb #7e9b2707
 import tempfile

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, ndcg_score
 from sklearn.metrics.pairwise import cosine_similarity
-from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
+from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalMRR, RetrievalNormalizedDCG
 
 from perrep.data import TEST_SPLITS, load_pods
 from perrep.evaluate import (EMBEDDING_KEYS, embed_dataset, evaluate_global, load_embeddings, metrics_dict,
@@ -122,6 +122,9 @@ def test_retrieval_matches_sklearn_and_torchmetrics():
             np.mean([ndcg_score(relevance[i:i + 1], sim[rows][i:i + 1]) for i in range(len(rows))]), abs=1e-9)
         assert value(results, cls, "overall", "ndcg") == pytest.approx(RetrievalNormalizedDCG()(preds, target, indexes=indexes).item(), abs=1e-5)
         assert value(results, cls, "overall", "mrr") == pytest.approx(RetrievalMRR()(preds, target, indexes=indexes).item(), abs=1e-6)
+        assert value(results, cls, "overall", "map") == pytest.approx(RetrievalMAP()(preds, target, indexes=indexes).item(), abs=1e-6)
+        assert value(results, cls, "overall", "map") == pytest.approx(
+            np.mean([average_precision_score(relevance[i], sim[rows][i]) for i in range(len(rows))]), abs=1e-9)
         assert value(results, cls, "overall", "top10") == pytest.approx(RetrievalHitRate(top_k=10)(preds, target, indexes=indexes).item(), abs=1e-6)
     assert 0 < results[results["metric"] == "top10"]["value"].mean() < 1  # the cut at 10 matters in this example
 
@@ -132,6 +135,7 @@ def test_retrieval_metrics_by_hand():
     dcg = 1 / np.log2(3) + 1 / np.log2(5) + 1 / np.log2(6)
     assert m["ndcg"][0] == pytest.approx(dcg / (1 + 1 / np.log2(3) + 1 / np.log2(4)))
     assert m["mrr"][0] == 0.5 and m["top1"][0] == 0.0
+    assert m["map"][0] == pytest.approx((1 / 2 + 2 / 4 + 3 / 5) / 3)
     with pytest.raises(ValueError, match="no image in the gallery"):
         retrieval_metrics(np.ones((1, 2)), np.array(["z"]), np.array(["a", "b"]))
 
@@ -141,7 +145,7 @@ def test_perfect_embeddings_score_one_everywhere():
     emb = make_embeddings(n_classes=5, n_val=0)
     emb["embeddings"] = np.eye(5, dtype=np.float32)[[int(c[1:]) for c in emb["labels"]]]  # one-hot of the class
     summary = summarize(evaluate_global(emb))
-    for metric in ("pr_auc", "ndcg", "mrr", "top10"):
+    for metric in ("pr_auc", "ndcg", "mrr", "map", "top10"):
         assert np.allclose(summary[metric], 1.0), metric
 
 
@@ -191,12 +195,12 @@ def test_classes_and_summary(emb, results):
     with pytest.raises(ValueError, match="class_split='holdout'"): evaluate_global(emb, class_split="holdout")
     summary = summarize(results)
     assert list(summary.index) == [*TEST_SPLITS, "overall"]
-    assert list(summary.columns) == ["pr_auc", "pr_auc_chance", "ndcg", "mrr", "top10", "n_classes"]
+    assert list(summary.columns) == ["pr_auc", "pr_auc_chance", "ndcg", "mrr", "map", "top10", "n_classes"]
     assert summary.loc["pose", "pr_auc"] == pytest.approx(results.query("scene == 'pose' and metric == 'pr_auc'")["value"].mean())
     # chance per scene = mean positive fraction: 4 of 24 pose images belong to each class
     assert summary.loc["pose", "pr_auc_chance"] == pytest.approx(4 / 24)
     nested = metrics_dict(summary)
-    assert set(nested) == {*TEST_SPLITS, "overall"} and set(nested["overall"]) == {"pr_auc", "pr_auc_chance", "ndcg", "mrr", "top10"}
+    assert set(nested) == {*TEST_SPLITS, "overall"} and set(nested["overall"]) == {"pr_auc", "pr_auc_chance", "ndcg", "mrr", "map", "top10"}
     assert all(isinstance(v, float) for scene in nested.values() for v in scene.values())
 
 

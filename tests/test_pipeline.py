@@ -27,6 +27,9 @@ def run(tmp_path_factory):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profiles"]["mini"]["dataset"] = str(tmp / "world")
     params["profiles"]["mini"]["text_to_image"] = str(tmp / "foundation/mini-sd")
+    ci_filtered = f"synthetic/dreambooth_llm_filtered/cfg_{params['generate']['ci']['filter']['guidance']:g}"   # ci filters at its own guidance
+    params["contrastive"]["sources"] = {name: [ci_filtered if f.startswith("synthetic/dreambooth_llm_filtered") else f for f in folders]
+                                        for name, folders in params["contrastive"]["sources"].items()}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     copy_background_sources(tmp / "backgrounds")
     stage = lambda name, **p: run_notebook(ROOT / f"nbs/pipeline/{name}.ipynb", tmp / f"reports/{name}.ipynb",
@@ -35,10 +38,6 @@ def run(tmp_path_factory):
           background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "world"))
     stage("embed", profile="mini", params_file=str(tmp / "params.yaml"), batch_size=16, threads=1,
           out_path=str(tmp / "embeddings/pretrained.npz"))
-    stage("evaluate", profile="mini", params_file=str(tmp / "params.yaml"), classes="test",
-          embeddings_path=str(tmp / "embeddings/pretrained.npz"), out_dir=str(tmp / "baseline"))
-    stage("report", profile="mini", params_file=str(tmp / "params.yaml"), results_dir=str(tmp / "baseline"),
-          embeddings_path=str(tmp / "embeddings/pretrained.npz"), figure_path=str(tmp / "baseline/per_scene.png"))
     stage("foundation", **_foundation_parameters(tmp, tmp / "foundation"))
     common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
@@ -46,12 +45,28 @@ def run(tmp_path_factory):
           work_dir=str(tmp / "work/synthetic"), report_dir=str(tmp / "synthetic_report"))
     stage("cutpaste", **common, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "cutpaste"),
           work_dir=str(tmp / "work/cutpaste"), report_dir=str(tmp / "cutpaste_report"))
+    stage("contrastive", **common, synthetic_dir=str(tmp / "synthetic"), cutpaste_dir=str(tmp / "cutpaste"), out_dir=str(tmp / "contrastive" / CI_INSTANCE),
+          work_dir=str(tmp / "work/contrastive"), report_dir=str(tmp / "contrastive_report"))
+    stage("evaluate", **_evaluate_parameters(tmp, tmp / "baseline", tmp / "personalized"))
+    stage("report", **_report_parameters(tmp, tmp / "baseline", tmp / "personalized"))
     structured = dict(params, dreambooth=dict(params["dreambooth"], ci=dict(params["dreambooth"]["ci"],
                       train=dict(params["dreambooth"]["ci"]["train"], prior="structured", crop_min=0.75, crop_views=2))))
     (tmp / "params_structured.yaml").write_text(yaml.safe_dump(structured))
     stage("dreambooth", **dict(common, params_file=str(tmp / "params_structured.yaml")), out_dir=str(tmp / "dreambooth_structured"),
           work_dir=str(tmp / "work/dreambooth_structured"))
     return tmp
+
+
+def _evaluate_parameters(tmp, out_dir, personalized_dir):
+    return dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), classes="test", threads=1,
+                embeddings_path=str(tmp / "embeddings/pretrained.npz"), adapters_dir=str(tmp / "contrastive"),
+                out_dir=str(out_dir), personalized_dir=str(personalized_dir))
+
+
+def _report_parameters(tmp, results_dir, personalized_dir):
+    return dict(profile="mini", params_file=str(tmp / "params.yaml"), results_dir=str(results_dir),
+                embeddings_path=str(tmp / "embeddings/pretrained.npz"), figure_path=str(Path(results_dir) / "per_scene.png"),
+                personalized_dir=str(personalized_dir), personalized_figure_path=str(Path(personalized_dir) / "variants.png"))
 
 
 def _foundation_parameters(tmp, out_dir, work_dir=None):
@@ -71,7 +86,7 @@ def test_stages_write_their_declared_outputs(run):
 def test_metrics_cover_every_scene_and_metric(run):
     metrics = json.loads((run / "baseline/metrics.json").read_text())
     for scene in SCENES:
-        for metric in ["pr_auc", "ndcg", "mrr", "top10", "pr_auc_chance"]:
+        for metric in ["pr_auc", "ndcg", "mrr", "map", "top10", "pr_auc_chance", "det_map", "det_map50", "det_f1", "seg_map", "seg_map50", "seg_f1"]:
             value = metrics[scene][metric]
             assert 0.0 <= value <= 1.0 and not math.isnan(value), (scene, metric, value)
         assert metrics[scene]["pr_auc"] > metrics[scene]["pr_auc_chance"], scene  # a real backbone beats chance
@@ -90,14 +105,15 @@ def test_rerun_stages_write_identical_bytes(run, tmp_path):
     params = yaml.safe_load((run / "params.yaml").read_text())
     stage = lambda name, **p: run_notebook(ROOT / f"nbs/pipeline/{name}.ipynb", tmp_path / f"{name}.ipynb",
                                            parameters=p, cwd=ROOT, progress=False)
-    stage("evaluate", profile="mini", params_file=str(run / "params.yaml"), classes="test",
-          embeddings_path=str(run / "embeddings/pretrained.npz"), out_dir=str(tmp_path / "baseline"))
-    stage("report", profile="mini", params_file=str(run / "params.yaml"), results_dir=str(tmp_path / "baseline"),
-          embeddings_path=str(run / "embeddings/pretrained.npz"), figure_path=str(tmp_path / "baseline/per_scene.png"))
+    stage("evaluate", **_evaluate_parameters(run, tmp_path / "baseline", tmp_path / "personalized"))
+    stage("report", **_report_parameters(run, tmp_path / "baseline", tmp_path / "personalized"))
     assert params["profiles"]["mini"]["dataset"] == str(run / "world")
     for name in ("metrics.json", "per_instance.csv", "per_scene.csv", "per_scene.png"):
         assert (tmp_path / "baseline" / name).read_bytes() == (run / "baseline" / name).read_bytes(), name
-    strip = lambda text: text.replace(str(tmp_path / "baseline"), "X").replace(str(run / "baseline"), "X")
+    for name in ("metrics.json", "results.csv", "summary.csv", "deltas.csv", "retrieval.json", "variants.png"):
+        assert (tmp_path / "personalized" / name).read_bytes() == (run / "personalized" / name).read_bytes(), name
+    strip = lambda text: (text.replace(str(tmp_path / "baseline"), "X").replace(str(run / "baseline"), "X")
+                          .replace(str(tmp_path / "personalized"), "P").replace(str(run / "personalized"), "P"))
     assert strip((tmp_path / "report.ipynb").read_text()) == strip((run / "reports/report.ipynb").read_text())
 
 
@@ -208,3 +224,25 @@ def test_cutpaste_pastes_the_instance_onto_both_kinds_of_background(run):
         assert len(images) == m["n"] == params["n"] and images[0]["image"].size == (params["paste"]["size"],) * 2
         assert set(images["source"]) <= {f"{CI_INSTANCE}_train_{k}.jpg" for k in range(3)} and 0 < m["fidelity"] <= 1
         assert (set(images["background"]) <= real) == (name == "cutpaste_real"), name
+
+
+def test_contrastive_trains_one_adapter_per_source_and_evaluate_scores_them(run):
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    sources = list(params["contrastive"]["sources"])
+    for source in sources:
+        folder = run / "contrastive" / CI_INSTANCE / source
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == params["profiles"]["mini"]["backbone"]
+        assert json.loads((folder / "params.json").read_text())["source"] == source
+        assert (run / "contrastive_report" / f"loss_{source}.csv").is_file()
+    metrics = json.loads((run / "personalized/metrics.json").read_text())
+    assert sorted(metrics) == sorted(["pretrained", *sources])
+    for variant, scenes in metrics.items():
+        assert sorted(scenes) == sorted(SCENES), variant
+        for scene, values in scenes.items():
+            assert {"pr_auc", "ndcg", "mrr", "map", "top10", "det_map", "det_map50", "det_f1", "seg_map", "seg_map50", "seg_f1"} <= set(values)
+            assert all(0.0 <= v <= 1.0 for v in values.values()), (variant, scene, values)
+    baseline = [r for r in (run / "baseline/per_instance.csv").read_text().splitlines() if r.startswith(f"{CI_INSTANCE},overall,pr_auc,")]
+    assert metrics["pretrained"]["overall"]["pr_auc"] == pytest.approx(float(baseline[0].split(",")[-1]), abs=1e-6)
+    retrieval = json.loads((run / "personalized/retrieval.json").read_text())
+    assert sorted(retrieval) == sorted(f"{CI_INSTANCE}/{v}" for v in ["pretrained", *sources])
