@@ -27,6 +27,7 @@ def run(tmp_path_factory):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profiles"]["mini"]["dataset"] = str(tmp / "world")
     params["profiles"]["mini"]["text_to_image"] = str(tmp / "foundation/mini-sd")
+    params["profiles"]["mini"]["text_image_model"] = str(tmp / "foundation/mini-clip")
     ci_filtered = f"synthetic/dreambooth_llm_filtered/cfg_{params['generate']['ci']['filter']['guidance']:g}"   # ci filters at its own guidance
     params["contrastive"]["sources"] = {name: [ci_filtered if f.startswith("synthetic/dreambooth_llm_filtered") else f for f in folders]
                                         for name, folders in params["contrastive"]["sources"].items()}
@@ -39,6 +40,8 @@ def run(tmp_path_factory):
     stage("embed", profile="mini", params_file=str(tmp / "params.yaml"), batch_size=16, threads=1,
           out_path=str(tmp / "embeddings/pretrained.npz"))
     stage("foundation", **_foundation_parameters(tmp, tmp / "foundation"))
+    stage("polar", profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), out_dir=str(tmp / "polar"),
+          report_dir=str(tmp / "polar_report"), threads=1)
     common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
     stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic"),
@@ -246,3 +249,22 @@ def test_contrastive_trains_one_adapter_per_source_and_evaluate_scores_them(run)
     assert metrics["pretrained"]["overall"]["pr_auc"] == pytest.approx(float(baseline[0].split(",")[-1]), abs=1e-6)
     retrieval = json.loads((run / "personalized/retrieval.json").read_text())
     assert sorted(retrieval) == sorted(f"{CI_INSTANCE}/{v}" for v in ["pretrained", *sources])
+
+
+def test_polar_learns_one_update_per_concept_and_reports_search_and_general_knowledge(run):
+    from perrep.clip import load_clip
+    from perrep.polar import load_update, text_parts
+    metrics = json.loads((run / "polar_report/metrics.json").read_text())
+    assert sorted(metrics) == ["original", "polar"]
+    for who, kinds in metrics.items():
+        assert sorted(kinds) == ["captions", "concept-only", "context"], who
+        assert all(0.0 <= v <= 100.0 for m in kinds.values() for v in m.values()), (who, kinds)
+        assert {"mrr", "map", "recall@1", "recall@5"} <= set(kinds["context"])
+        assert {"recall@1", "recall@5", "recall@10", "recall@50"} == set(kinds["captions"])
+    params = json.loads((run / "polar/params.json").read_text())
+    width = text_parts(load_clip(run / "foundation/mini-clip"))[0].encoder.layers[-1].self_attn.v_proj.in_features
+    for concept in params["concepts"]:
+        update = load_update(run / "polar" / f"{concept}.safetensors", width=width)
+        assert update.identifier == "sks" and update.A.shape == (1, width)
+    ablation = (run / "polar_report/ablation.csv").read_text().splitlines()
+    assert ablation[0].startswith("reg_weight,") and len(ablation) == 1 + 2
