@@ -136,24 +136,25 @@ class Update:
     "One concept's update of the last layer's value projection: ΔW = B·Â."
     A: torch.Tensor            # (r, d), unit rows
     B: torch.Tensor            # (d, r)
-    identifier: str
+    identifier: str            # what stands for the concept in a query: "sks", or "sks mug" when trained with its class word
 
 def training_prompts(n_images: int, *, identifier: str, class_name: str | None, seed: int, key: str) -> list[str]:
     "One template per image, distinct while there are templates left, in a seeded order."
     order = derive_rng(seed, "polar-templates", key).permutation(len(TEMPLATES))
     return [TEMPLATES[order[i % len(TEMPLATES)]].format(subject(identifier, class_name)) for i in range(n_images)]
 
-def personalize(model, concepts: dict, *, config: PolarConfig, progress: bool = True) -> tuple[dict, list[dict]]:
-    "{name: Update} learned from {name: (N, D) unit image embeddings}, and the log of the summed loss."
+def personalize(model, concepts: dict, *, config: PolarConfig, class_names: dict | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    "{name: Update} learned from {name: (N, D) unit image embeddings}, and the log of the summed loss; `class_names` per concept override `config.class_name`."
     if not concepts: raise ValueError("personalize: no concepts given")
     check_identifier(model.tokenizer, config.identifier)
     text_model, projection = text_parts(model)
     names, d = list(concepts), text_model.encoder.layers[-1].self_attn.v_proj.in_features
+    words = {name: (class_names or {}).get(name, config.class_name) for name in names}
     prompts, owner, targets = [], [], []
     for k, name in enumerate(names):
         v = torch.as_tensor(concepts[name], dtype=torch.float32)
         if v.ndim != 2 or len(v) == 0: raise ValueError(f"personalize: concept {name!r} needs (N, D) image embeddings, got shape {tuple(v.shape)}")
-        prompts += training_prompts(len(v), identifier=config.identifier, class_name=config.class_name, seed=config.seed, key=name)
+        prompts += training_prompts(len(v), identifier=config.identifier, class_name=words[name], seed=config.seed, key=name)
         owner += [k] * len(v); targets.append(F.normalize(v, dim=-1))
     targets, owner = torch.cat(targets), torch.tensor(owner)                    # (P, D), (P,)
     cache = cache_prompts(text_model, model.tokenize(prompts))
@@ -172,7 +173,8 @@ def personalize(model, concepts: dict, *, config: PolarConfig, progress: bool = 
         loss = (fit + config.reg_weight * (B ** 2).mean((1, 2))).sum()
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         log.append(dict(step=step, loss=loss.item() / len(names)))
-    updates = {name: Update(A=unit_rows(A[k].detach()).clone(), B=B[k].detach().clone(), identifier=config.identifier) for k, name in enumerate(names)}
+    updates = {name: Update(A=unit_rows(A[k].detach()).clone(), B=B[k].detach().clone(), identifier=subject(config.identifier, words[name]))
+               for k, name in enumerate(names)}
     return updates, log
 
 # %% ../nbs/18_polar.ipynb #8ad8a6a0

@@ -255,7 +255,7 @@ def test_polar_learns_one_update_per_concept_and_reports_search_and_general_know
     from perrep.clip import load_clip
     from perrep.polar import load_update, text_parts
     metrics = json.loads((run / "polar_report/metrics.json").read_text())
-    assert sorted(metrics) == ["original", "polar"]
+    assert sorted(metrics) == ["original", "polar", "polar_class_word"]
     for who, kinds in metrics.items():
         assert sorted(kinds) == ["captions", "concept-only", "context"], who
         assert all(0.0 <= v <= 100.0 for m in kinds.values() for v in m.values()), (who, kinds)
