@@ -65,7 +65,7 @@ def slow_ms(model, iterations: int, device) -> float:
     optimizer = torch.optim.Adam([A, B], lr=1e-3)
     sync(device); start = time.perf_counter()
     for _ in range(iterations):
-        text = F.normalize(encode_with_update(text_model, projection, tokens, A, B), dim=-1)
+        text = F.normalize(encode_with_update(text_model, projection, tokens, unit_rows(A), B), dim=-1)
         loss = ((text - target) ** 2).mean() + 0.35 * (B ** 2).mean()
         optimizer.zero_grad(); loss.backward(); optimizer.step()
     sync(device)

@@ -83,13 +83,14 @@ def resolve_model(name: str | Path, *, what: str = "model", marker: str = "confi
     "The folder or hub id to load `name` from: a folder holding `marker`, or a hub id (cached, when offline)."
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id          # not reachable as huggingface_hub.utils until something imports it
     hint = f" Accepted: {accepted}" if accepted else ""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / marker).is_file(): raise ValueError(f"{what} folder {path} is not a saved {what}: it has no {marker}.{hint}")
         return str(path)
     if path.exists(): raise ValueError(f"{what} {str(name)!r} is a file, not a model folder.{hint}")
-    try: huggingface_hub.utils.validate_repo_id(str(name)); is_hub_id = str(name).count("/") == 1
+    try: validate_repo_id(str(name)); is_hub_id = str(name).count("/") == 1
     except HFValidationError: is_hub_id = False
     if not is_hub_id: raise ValueError(f"unknown {what} {str(name)!r}: no such folder, not a hub id.{hint}")
     if huggingface_hub.is_offline_mode() and not isinstance(huggingface_hub.try_to_load_from_cache(str(name), marker), str):

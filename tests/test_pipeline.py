@@ -40,8 +40,10 @@ def run(tmp_path_factory):
     stage("embed", profile="mini", params_file=str(tmp / "params.yaml"), batch_size=16, threads=1,
           out_path=str(tmp / "embeddings/pretrained.npz"))
     stage("foundation", **_foundation_parameters(tmp, tmp / "foundation"))
-    stage("polar", profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), out_dir=str(tmp / "polar"),
-          report_dir=str(tmp / "polar_report"), threads=1)
+    search = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"))
+    stage("search_benchmark", **search, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "search"))
+    stage("polar", **search, benchmark_dir=str(tmp / "search"), out_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_report"), threads=1)
+    stage("polar_eval", **search, benchmark_dir=str(tmp / "search"), polar_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_eval"), threads=1)
     common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
     stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic"),
@@ -251,20 +253,36 @@ def test_contrastive_trains_one_adapter_per_source_and_evaluate_scores_them(run)
     assert sorted(retrieval) == sorted(f"{CI_INSTANCE}/{v}" for v in ["pretrained", *sources])
 
 
-def test_polar_learns_one_update_per_concept_and_reports_search_and_general_knowledge(run):
-    from perrep.clip import load_clip
+def test_search_benchmark_has_single_and_multi_concept_queries_for_val_and_test(run):
+    from perrep.search import load_benchmark
+    for split in ("val", "test"):
+        bench = load_benchmark(run / "search" / split)                  # checked on load: every relevant image in the pool
+        multi = [q for q in bench.queries if len(q["concepts"]) == 2]
+        assert multi and all(q["query"].count("*") == 2 for q in multi)
+        assert {q["kind"] for q in bench.queries} == {"context", "concept-only"}
+        assert all(bench.image_path(i).is_file() for i in bench.pool)
+    assert set(load_benchmark(run / "search/val").concepts).isdisjoint(load_benchmark(run / "search/test").concepts)
+
+
+def test_polar_chooses_lambda_on_val_and_learns_one_update_per_test_concept(run):
     from perrep.polar import load_update, text_parts
-    metrics = json.loads((run / "polar_report/metrics.json").read_text())
-    assert sorted(metrics) == ["original", "polar", "polar_class_word"]
-    for who, kinds in metrics.items():
-        assert sorted(kinds) == ["captions", "concept-only", "context"], who
-        assert all(0.0 <= v <= 100.0 for m in kinds.values() for v in m.values()), (who, kinds)
-        assert {"mrr", "map", "recall@1", "recall@5"} <= set(kinds["context"])
-        assert {"recall@1", "recall@5", "recall@10", "recall@50"} == set(kinds["captions"])
     params = json.loads((run / "polar/params.json").read_text())
+    selection = (run / "polar_report/selection.csv").read_text().splitlines()
+    assert selection[0].startswith("reg_weight,") and len(selection) == 1 + 1 + 2     # the original model, then each λ of the ci grid
+    assert params["reg_weight"] in (0.1, 1.0) and params["selected_on"] == "val"
     width = text_parts(load_clip(run / "foundation/mini-clip"))[0].encoder.layers[-1].self_attn.v_proj.in_features
     for concept in params["concepts"]:
-        update = load_update(run / "polar" / f"{concept}.safetensors", width=width)
-        assert update.identifier == "sks" and update.A.shape == (1, width)
-    ablation = (run / "polar_report/ablation.csv").read_text().splitlines()
-    assert ablation[0].startswith("reg_weight,") and len(ablation) == 1 + 2
+        update = load_update(run / "polar/updates" / f"{concept}.safetensors", width=width)
+        assert update.identifier.startswith("sks ") and update.A.shape == (1, width)   # class_word: "sks mug"
+
+
+def test_polar_eval_writes_the_papers_tables(run):
+    metrics = json.loads((run / "polar_eval/metrics.json").read_text())
+    assert {"original", "polar"} <= set(metrics)
+    for who in ("original", "polar"):
+        assert {"context", "context-single", "context-multi", "concept-only", "captions"} <= set(metrics[who])
+        assert all(0.0 <= v <= 100.0 for g, m in metrics[who].items() for k, v in m.items() if k != "queries"), who
+    tables = {p.stem: p.read_text().splitlines() for p in (run / "polar_eval").glob("table*.csv")}
+    assert sorted(tables) == ["table3", "table4_rank", "table5_layers", "table6_parameters", "table7_regularization", "table8_merging"]
+    assert [line.split(",")[0] for line in tables["table8_merging"][1:]] == ["Avg LoRAs", "Max LoRAs", "Orthogonal Adaptation", "Add LoRAs", "Original"]
+    assert [line.split(",")[0] for line in tables["table3"][1:]] == ["Original", "Text. Inv. (1 tok)", "Prompt (1 tok)", "Text. Inv. + Ours", "Ours"]

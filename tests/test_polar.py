@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transformers
 
 from perrep.clip import write_clip_tokenizer
-from perrep.polar import (PolarConfig, Update, cache_prompts, encode_cached, encode_with_update, fill_placeholders, load_update,
+from perrep.polar import (PolarConfig, PolarEncoder, Update, cache_prompts, encode_cached, encode_with_update, fill_placeholders, load_update,
                           merge, personalize, save_update, text_parts)
 from perrep.testing import tiny_clip_text_config
 
@@ -72,3 +72,39 @@ def test_bad_inputs_fail_clearly(tmp_path):
         load_update(path, width=32)
     with pytest.raises(ValueError, match="needs \\(N, D\\) image embeddings"):
         personalize(model, {"a": torch.randn(16)}, config=PolarConfig(iterations=1), progress=False)
+
+
+def test_merges_and_the_encoder_apply_several_updates_to_one_query():
+    model = Toy(2)
+    g = torch.Generator().manual_seed(1)
+    concepts = {k: F.normalize(torch.randn(3, 16, generator=g), dim=-1) for k in ("a", "b", "c")}
+    updates, _ = personalize(model, concepts, config=PolarConfig(iterations=15, lr=1e-2, reg_weight=0.1), progress=False)
+    deltas = [u.B @ u.A for u in updates.values()]
+    peak = merge(list(updates.values()), how="max")
+    assert torch.equal(peak.B @ peak.A, torch.stack(deltas).amax(0))          # A = I: the element-wise max itself
+    text_model, projection = text_parts(model)
+    tokens = model.tokenize(["a photo of sks next to sks"])
+    for how in ("add", "average", "max"):
+        u = merge([updates["a"], updates["b"]], how=how)
+        got = PolarEncoder(model, updates, how=how).encode(["a photo of * next to *"], [["a", "b"]])
+        with torch.no_grad(): want = F.normalize(encode_with_update(text_model, projection, tokens, u.A, u.B), dim=-1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 placeholders but only 1"):
+        PolarEncoder(model, updates).encode(["* next to *"], [["a"]])
+
+
+def test_orthogonal_adaptation_freezes_disjoint_rows_of_one_basis_and_negatives_push_away():
+    model = Toy(1)
+    g = torch.Generator().manual_seed(2)
+    concepts = {k: F.normalize(torch.randn(3, 16, generator=g), dim=-1) for k in ("a", "b", "c")}
+    config = PolarConfig(iterations=30, lr=1e-2, reg_weight=0.1, orthogonal=True)
+    updates, _ = personalize(model, concepts, config=config, progress=False)
+    A = torch.cat([u.A for u in updates.values()])                               # (3, 32)
+    torch.testing.assert_close(A @ A.T, torch.eye(3), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the width"):
+        personalize(model, {str(k): concepts["a"] for k in range(33)}, config=config, progress=False)
+    plain, _ = personalize(model, concepts, config=PolarConfig(iterations=30, lr=1e-2, reg_weight=0.1), progress=False)
+    pushed, _ = personalize(model, concepts, config=PolarConfig(iterations=30, lr=1e-2, reg_weight=0.1, neg_weight=1.0), progress=False)
+    others = lambda ups: float(sum(PolarEncoder(model, ups).encode(["a photo of *"], [[c]]) @ concepts[o].T.mean(1, keepdim=True)
+                                   for c in concepts for o in concepts if o != c))
+    assert others(pushed) < others(plain)
