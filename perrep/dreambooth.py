@@ -244,9 +244,10 @@ class DreamBooth:
             instance = instance + cfg.prior_loss_weight * class_loss
         return instance, parts
 
-    def train(self, *, work_dir: str | Path, checkpoint_every: int = 50, progress: bool = True) -> list[dict]:
-        "Run (or resume) the training steps; returns the log."
+    def train(self, *, work_dir: str | Path, checkpoint_every: int = 50, progress: bool = True, until: int | None = None) -> list[dict]:
+        "Run (or resume) the training steps, up to step `until` if given (checkpointed there: call again to go on); returns the log."
         cfg = self.config
+        if until is not None and not 1 <= until <= cfg.steps: raise ValueError(f"DreamBooth.train: until={until}; expected a step in 1..{cfg.steps}")
         params = list(self.trainable.named.values())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         self.unet.train(); self.text_encoder.train(cfg.train_text_encoder)
@@ -259,7 +260,7 @@ class DreamBooth:
             return dict(loss=loss.item(), **parts)
 
         checkpoint = Checkpoint(Path(work_dir) / "checkpoint.pt", config=dict(asdict(cfg), prompts=self.prompts))
-        log = train_steps(step, n_steps=cfg.steps, stateful=dict(trainable=self.trainable, optimizer=optimizer),
+        log = train_steps(step, n_steps=cfg.steps if until is None else until, stateful=dict(trainable=self.trainable, optimizer=optimizer),
                           checkpoint=checkpoint, every=checkpoint_every, desc="DreamBooth", progress=progress)
         self.unet.eval(); self.text_encoder.eval()
         return log

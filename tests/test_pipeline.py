@@ -6,14 +6,19 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers
 import yaml
 
-from perrep.clip import load_clip
+from sklearn.metrics import average_precision_score
 
+from perrep.clip import load_clip
+from perrep.data import load_pods
+from perrep.evaluate import load_embeddings
 from perrep.pipeline import run_notebook
+from perrep.sweeps import flatten_keys
 from perrep.world import copy_background_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +36,7 @@ def run(tmp_path_factory):
     ci_filtered = f"synthetic/dreambooth_llm_filtered/cfg_{params['generate']['ci']['filter']['guidance']:g}"   # ci filters at its own guidance
     params["contrastive"]["sources"] = {name: [ci_filtered if f.startswith("synthetic/dreambooth_llm_filtered") else f for f in folders]
                                         for name, folders in params["contrastive"]["sources"].items()}
+    params["dreambooth"]["instances"] = [CI_INSTANCE]                    # the stages over every personalized instance: downstream, analysis
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     copy_background_sources(tmp / "backgrounds")
     stage = lambda name, **p: run_notebook(ROOT / f"nbs/pipeline/{name}.ipynb", tmp / f"reports/{name}.ipynb",
@@ -46,11 +52,11 @@ def run(tmp_path_factory):
     stage("polar_eval", **search, benchmark_dir=str(tmp / "search"), polar_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_eval"), threads=1)
     common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
-    stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic"),
+    stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic" / CI_INSTANCE),
           work_dir=str(tmp / "work/synthetic"), report_dir=str(tmp / "synthetic_report"))
-    stage("cutpaste", **common, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "cutpaste"),
+    stage("cutpaste", **common, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "cutpaste" / CI_INSTANCE),
           work_dir=str(tmp / "work/cutpaste"), report_dir=str(tmp / "cutpaste_report"))
-    stage("contrastive", **common, synthetic_dir=str(tmp / "synthetic"), cutpaste_dir=str(tmp / "cutpaste"), out_dir=str(tmp / "contrastive" / CI_INSTANCE),
+    stage("contrastive", **common, synthetic_dir=str(tmp / "synthetic" / CI_INSTANCE), cutpaste_dir=str(tmp / "cutpaste" / CI_INSTANCE), out_dir=str(tmp / "contrastive" / CI_INSTANCE),
           work_dir=str(tmp / "work/contrastive"), report_dir=str(tmp / "contrastive_report"))
     stage("evaluate", **_evaluate_parameters(tmp, tmp / "baseline", tmp / "personalized"))
     stage("report", **_report_parameters(tmp, tmp / "baseline", tmp / "personalized"))
@@ -59,7 +65,34 @@ def run(tmp_path_factory):
     (tmp / "params_structured.yaml").write_text(yaml.safe_dump(structured))
     stage("dreambooth", **dict(common, params_file=str(tmp / "params_structured.yaml")), out_dir=str(tmp / "dreambooth_structured"),
           work_dir=str(tmp / "work/dreambooth_structured"))
+    stage("downstream", **_downstream_parameters(tmp, guidance=DOWNSTREAM_GUIDANCE))
+    stage("dreambench", profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), out_dir=str(tmp / "dreambench"),
+          work_dir=str(tmp / "work/dreambench"), report_dir=str(tmp / "dreambench_report"), threads=1)
+    _write_sweep_table(tmp / "downstream/metrics.json", tmp / "sweep.csv")
+    stage("analysis", **_analysis_parameters(tmp, tmp / "analysis"))
     return tmp
+
+
+DOWNSTREAM_GUIDANCE = 4.0   # a guidance the ci generate block draws
+
+
+def _downstream_parameters(tmp, *, guidance, out_dir=None):
+    return dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), strategy="llm", guidance=guidance,
+                synthetic_dir=str(tmp / "synthetic"), embeddings_path=str(tmp / "embeddings/pretrained.npz"),
+                out_dir=str(out_dir or tmp / "downstream"), work_dir=str(tmp / "work/downstream"), threads=1)
+
+
+def _write_sweep_table(metrics_path, out_path):
+    "What `perrep-sweep gather` writes for a sweep of one point: the ci downstream run."
+    metrics = {f"reports/downstream/metrics.json:{k}": v for k, v in flatten_keys(json.loads(metrics_path.read_text())).items()}
+    pd.DataFrame([dict(experiment="ci-0", kind="experiment", error=None, **{"downstream.strategy": "llm", "downstream.guidance": DOWNSTREAM_GUIDANCE},
+                       **metrics)]).to_csv(out_path, index=False)
+
+
+def _analysis_parameters(tmp, report_dir):
+    return dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), synthetic_dir=str(tmp / "synthetic"),
+                cutpaste_dir=str(tmp / "cutpaste"), dreambench_dir=str(tmp / "dreambench"), sweep_table=str(tmp / "sweep.csv"),
+                work_dir=str(tmp / "work/analysis"), report_dir=str(report_dir), threads=1)
 
 
 def _evaluate_parameters(tmp, out_dir, personalized_dir):
@@ -199,22 +232,22 @@ def test_generate_writes_image_folders_with_metadata_and_fidelity(run):
     rule = params["filter"]
     filtered = f"dreambooth_{rule['strategy']}_filtered/cfg_{rule['guidance']:g}"
     names = [f"dreambooth_{s}/cfg_{g:g}" for s in params["strategies"] for g in params["guidance"]] + ["negatives"]
-    attempts = [json.loads(line) for line in (run / "synthetic" / filtered / ATTEMPTS_FILE).read_text().splitlines()]
+    attempts = [json.loads(line) for line in (run / "synthetic" / CI_INSTANCE / filtered / ATTEMPTS_FILE).read_text().splitlines()]
     metrics = json.loads((run / "synthetic_report/metrics.json").read_text())
     assert metrics[filtered]["attempts"] == len(attempts) <= rule["max_attempts"]
-    kept = [json.loads(line) for line in (run / "synthetic" / filtered / "metadata.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (run / "synthetic" / CI_INSTANCE / filtered / "metadata.jsonl").read_text().splitlines()]
     assert len(kept) == metrics[filtered]["kept"] <= params["n_positives"]
     assert all(r["filter_score"] >= metrics[filtered]["threshold"] for r in kept)
-    assert sorted(r["file_name"] for r in kept) == sorted(p.name for p in (run / "synthetic" / filtered).glob("*.png"))
+    assert sorted(r["file_name"] for r in kept) == sorted(p.name for p in (run / "synthetic" / CI_INSTANCE / filtered).glob("*.png"))
     for name in names:
-        images = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic" / name), split="train")
+        images = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic" / CI_INSTANCE / name), split="train")
         assert len(images) == (params["n_negatives"] if name == "negatives" else params["n_positives"]), name
         assert images[0]["image"].size == (64, 64) and images[0]["steps"] == params["steps"]
-    llm = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic/dreambooth_llm/cfg_4"), split="train")
+    llm = datasets.load_dataset("imagefolder", data_dir=str(run / "synthetic" / CI_INSTANCE / "dreambooth_llm/cfg_4"), split="train")
     assert all("sks mug" in p for p in llm["prompt"])
     assert set(metrics) == set(names) | ({filtered} if kept else set())
     for name, m in metrics.items():   # every set scored on all its images; the difference is against the base model's set
-        assert m["n"] == len(list((run / "synthetic" / name).glob("*.png"))) and -1 <= m["fidelity"] <= 1, name
+        assert m["n"] == len(list((run / "synthetic" / CI_INSTANCE / name).glob("*.png"))) and -1 <= m["fidelity"] <= 1, name
         assert abs(m["minus_base"] - (m["fidelity"] - metrics["negatives"]["fidelity"])) < 1e-5, name
 
 
@@ -225,7 +258,7 @@ def test_cutpaste_pastes_the_instance_onto_both_kinds_of_background(run):
     assert set(metrics) == {f"cutpaste_{kind}" for kind in params["backgrounds"]}
     real = {p.name for p in (run / "backgrounds").iterdir()}
     for name, m in metrics.items():
-        images = datasets.load_dataset("imagefolder", data_dir=str(run / "cutpaste" / name), split="train")
+        images = datasets.load_dataset("imagefolder", data_dir=str(run / "cutpaste" / CI_INSTANCE / name), split="train")
         assert len(images) == m["n"] == params["n"] and images[0]["image"].size == (params["paste"]["size"],) * 2
         assert set(images["source"]) <= {f"{CI_INSTANCE}_train_{k}.jpg" for k in range(3)} and 0 < m["fidelity"] <= 1
         assert (set(images["background"]) <= real) == (name == "cutpaste_real"), name
@@ -286,3 +319,57 @@ def test_polar_eval_writes_the_papers_tables(run):
     assert sorted(tables) == ["table3", "table4_rank", "table5_layers", "table6_parameters", "table7_regularization", "table8_merging"]
     assert [line.split(",")[0] for line in tables["table8_merging"][1:]] == ["Avg LoRAs", "Max LoRAs", "Orthogonal Adaptation", "Add LoRAs", "Original"]
     assert [line.split(",")[0] for line in tables["table3"][1:]] == ["Original", "Text. Inv. (1 tok)", "Prompt (1 tok)", "Text. Inv. + Ours", "Ours"]
+
+
+def test_downstream_in_category_pr_auc_equals_a_direct_computation(run):
+    "The pretrained row: the instance's test images among its category's, scored by max cosine to its train photos (sklearn AP)."
+    emb, world = load_embeddings(run / "embeddings/pretrained.npz"), load_pods(run / "world", progress=False)
+    category = [c for c in world.classes if world.class_to_sc[c] == world.class_to_sc[CI_INSTANCE]]
+    test = (emb["splits"] == "test") & np.isin(emb["labels"], category)                     # (T,) the gallery
+    train = (emb["splits"] == "train") & (emb["labels"] == CI_INSTANCE)                     # (3,) the instance's photos
+    unit = emb["embeddings"] / np.linalg.norm(emb["embeddings"], axis=1, keepdims=True)
+    expected = average_precision_score(emb["labels"][test] == CI_INSTANCE, (unit[test] @ unit[train].T).max(axis=1))
+    rows = pd.read_csv(run / "downstream/per_instance.csv").set_index(["instance", "scene"])
+    assert rows.loc[(CI_INSTANCE, "overall"), "pretrained"] == pytest.approx(expected, abs=1e-6)
+    assert len(category) > 1 and expected < 1.0                                                # hard negatives are in the gallery
+    metrics = json.loads((run / "downstream/metrics.json").read_text())
+    assert metrics["set"] == f"dreambooth_llm/cfg_{DOWNSTREAM_GUIDANCE:g}"
+    assert metrics["per_instance"][CI_INSTANCE] == pytest.approx(rows.loc[(CI_INSTANCE, "overall"), "adapted"], abs=1e-6)
+    assert metrics["delta"]["overall"] == pytest.approx(metrics["pr_auc"]["overall"] - metrics["pretrained"]["overall"], abs=2e-6)
+
+
+def test_downstream_refuses_a_set_that_was_not_generated(run, tmp_path):
+    with pytest.raises(Exception, match="downstream.guidance=6.0"):
+        run_notebook(ROOT / "nbs/pipeline/downstream.ipynb", tmp_path / "downstream.ipynb", cwd=ROOT, progress=False,
+                     parameters=_downstream_parameters(run, guidance=6.0, out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_dreambench_table_and_overfitting_curves(run):
+    table = pd.read_csv(run / "dreambench_report/table.csv").set_index("prior")
+    assert table.index.tolist() == ["real images", "base model", "none", "class", "structured"]
+    assert table.loc["real images", "dino"] > table.loc["base model", "dino"]                 # real photos are the ceiling of fidelity
+    assert table[["dino", "clip_i", "diversity_dino"]].notna().all().all()
+    curves = pd.read_csv(run / "dreambench_report/curves.csv")
+    for prior in ("none", "class", "structured"):
+        assert sorted(curves.loc[curves["prior"] == prior, "step"]) == [0, 2, 4], prior
+    first = curves[curves["step"] == 0].drop(columns="prior")
+    assert len(first.drop_duplicates()) == 2                                                  # step 0 (one folder for every prior) and the base model
+    assert (run / "dreambench_report/curves.png").stat().st_size > 0 and (run / "dreambench_report/table.md").read_text().count("|") > 20
+
+
+def test_analysis_scores_every_set_and_reruns_from_its_caches(run, tmp_path):
+    sets = pd.read_csv(run / "analysis/sets.csv")
+    assert {"dreambooth", "cutpaste", "base model"} <= set(sets["generator"])
+    known = sets.dropna(subset=["pr_auc"])
+    assert known[["strategy", "guidance"]].drop_duplicates().values.tolist() == [["llm", DOWNSTREAM_GUIDANCE]]
+    downstream = json.loads((run / "downstream/metrics.json").read_text())
+    assert known["pr_auc"].tolist() == [downstream["per_instance"][CI_INSTANCE]]
+    assert ((sets["diversity_dino"] >= 0) & (sets["diversity_dino"] <= 2) & (sets["dino"].abs() <= 1)).all()
+    caches = {p: p.stat().st_mtime_ns for p in (run / "work/analysis").rglob("*") if p.is_file()}
+    assert caches
+    run_notebook(ROOT / "nbs/pipeline/analysis.ipynb", tmp_path / "analysis.ipynb", cwd=ROOT, progress=False,
+                 parameters=_analysis_parameters(run, tmp_path / "analysis"))
+    assert {p: p.stat().st_mtime_ns for p in caches} == caches                               # nothing embedded again
+    for name in ("sets.csv", "summary.csv", "balance.csv", "metrics.json"):
+        assert (tmp_path / "analysis" / name).read_bytes() == (run / "analysis" / name).read_bytes(), name
