@@ -49,7 +49,8 @@ def run(tmp_path_factory):
     search = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"))
     stage("search_benchmark", **search, background_dir=str(tmp / "backgrounds"), out_dir=str(tmp / "search"))
     stage("polar", **search, benchmark_dir=str(tmp / "search"), out_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_report"), threads=1)
-    stage("polar_eval", **search, benchmark_dir=str(tmp / "search"), polar_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_eval"), threads=1)
+    stage("polar_eval", **search, benchmark_dir=str(tmp / "search"), polar_dir=str(tmp / "polar"), report_dir=str(tmp / "polar_eval"),
+          work_dir=str(tmp / "work/polar_eval"), threads=1)
     common = dict(profile="mini", scale="ci", params_file=str(tmp / "params.yaml"), instance=CI_INSTANCE, threads=1)
     stage("dreambooth", **common, out_dir=str(tmp / "dreambooth"), work_dir=str(tmp / "work/dreambooth"))
     stage("generate", **common, dreambooth_dir=str(tmp / "dreambooth"), out_dir=str(tmp / "synthetic" / CI_INSTANCE),
@@ -297,6 +298,17 @@ def test_search_benchmark_has_single_and_multi_concept_queries_for_val_and_test(
     assert set(load_benchmark(run / "search/val").concepts).isdisjoint(load_benchmark(run / "search/test").concepts)
 
 
+@pytest.mark.parametrize("missing", ["search_benchmark", "search_data"])
+def test_search_benchmark_names_a_missing_profile_key(missing, tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["profiles"]["paper"][missing]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(Exception, match=f"profiles.paper.{missing}"):
+        run_notebook(ROOT / "nbs/pipeline/search_benchmark.ipynb", tmp_path / "search_benchmark.ipynb", cwd=ROOT, progress=False,
+                     parameters=dict(profile="paper", params_file=str(tmp_path / "params.yaml"), out_dir=str(tmp_path / "search")))
+    assert not (tmp_path / "search").exists()
+
+
 def test_polar_chooses_lambda_on_val_and_learns_one_update_per_test_concept(run):
     from perrep.polar import load_update, text_parts
     params = json.loads((run / "polar/params.json").read_text())
@@ -319,6 +331,28 @@ def test_polar_eval_writes_the_papers_tables(run):
     assert sorted(tables) == ["table3", "table4_rank", "table5_layers", "table6_parameters", "table7_regularization", "table8_merging"]
     assert [line.split(",")[0] for line in tables["table8_merging"][1:]] == ["Avg LoRAs", "Max LoRAs", "Orthogonal Adaptation", "Add LoRAs", "Original"]
     assert [line.split(",")[0] for line in tables["table3"][1:]] == ["Original", "Text. Inv. (1 tok)", "Prompt (1 tok)", "Text. Inv. + Ours", "Ours"]
+
+
+def test_polar_eval_resumes_from_the_variants_it_finished(run, tmp_path):
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    params["polar_eval"]["ci"]["parameters"] = ["q", "no-such-parameter"]          # fails in table 6, after tables 3-5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = dict(profile="mini", scale="ci", benchmark_dir=str(run / "search"), polar_dir=str(run / "polar"), report_dir=str(tmp_path / "report"),
+                 work_dir=str(tmp_path / "work"), threads=1)
+    with pytest.raises(Exception, match="no-such-parameter"):
+        run_notebook(ROOT / "nbs/pipeline/polar_eval.ipynb", tmp_path / "killed.ipynb", cwd=ROOT, progress=False,
+                     parameters=dict(stage, params_file=str(tmp_path / "params.yaml")))
+    (finished,) = (tmp_path / "work").glob("*/ti_1.json")                    # the variants done before the failure are kept
+    scores = json.loads(finished.read_text())
+    scores["context-single"]["mrr"] = 42.0                                   # planted: a resumed run reads it instead of retraining
+    finished.write_text(json.dumps(scores))
+    run_notebook(ROOT / "nbs/pipeline/polar_eval.ipynb", tmp_path / "resumed.ipynb", cwd=ROOT, progress=False,
+                 parameters=dict(stage, params_file=str(run / "params.yaml")))
+    table3 = pd.read_csv(tmp_path / "report/table3.csv", index_col="variant")
+    assert table3.loc["Text. Inv. (1 tok)", "context-single mrr"] == 42.0
+    rest = lambda d: {p.name: p.read_bytes() for p in d.glob("table[45678]*.csv")}
+    assert rest(tmp_path / "report") == rest(run / "polar_eval")               # every other variant as in the straight run
+    assert not any((tmp_path / "work").iterdir())                            # finished: the work folder is cleared
 
 
 def test_downstream_in_category_pr_auc_equals_a_direct_computation(run):

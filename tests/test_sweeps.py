@@ -8,7 +8,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from perrep.sweeps import gather_experiments, grid, queue_sweep, queue_status, run_grid
+from perrep.sweeps import gather_experiments, grid, queue_sweep, queue_status, run_grid, run_queue
 
 STAGE = "python -c \"import json, yaml; p = yaml.safe_load(open('params.yaml'))['sweep']; json.dump(dict(score=p['guidance'] * (2 if p['strategy'] == 'llm' else 1)), open('m.json', 'w'))\""
 
@@ -35,7 +35,10 @@ def test_unknown_parameter_fails_before_anything_is_queued(project):
 
 def test_queue_runs_every_point_and_gathers_their_metrics(project):
     points = grid({"sweep.strategy": ["simple", "llm"], "sweep.guidance": [4.0, 7.5]})
-    names = queue_sweep(points, name="gs", cwd=project, poll_s=1.0)
+    names = queue_sweep(points, name="gs", cwd=project, run=False)
+    assert queue_status(project, workers=True) == ({n: "Queued" for n in names}, 0)
+    run_queue(names, cwd=project, poll_s=1.0)                                 # no worker yet: it starts one and waits
+    assert queue_status(project) == {n: "Success" for n in names}
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, check=True, capture_output=True, text=True).stdout)
     table = gather_experiments(shown, names=["sweep.strategy", "sweep.guidance"]).set_index("experiment")
     assert set(names) <= set(table.index)
